@@ -1,0 +1,3 @@
+"""`anomalydiff phantom`: see the command help."""
+
+from anomalydiff.cli.app import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""`anomalydiff prepare`: see the command help."""
+
+from anomalydiff.cli.app import app  # noqa: F401
