@@ -165,6 +165,7 @@ class SliceStoreWriter:
             ids = list(splits.get(name, []))
             unknown = set(ids) - set(self.subject_ids)
             if unknown:
+                self.abort()
                 raise StoreError(f"split {name} names subjects not in the store: {sorted(unknown)[:5]}")
             write_subject_csv(self.tmp / "splits" / f"{name}.csv", ids)
         with open(self.tmp / "skipped.csv", "w", newline="") as f:
