@@ -20,7 +20,7 @@ from anomalydiff.diffusion.schedule import ScheduleConfig, make_schedule
 from anomalydiff.labels import NULL_LABEL, UNHEALTHY
 from anomalydiff.methods.anoddpm import AnoDDPM, AnoDDPMConfig
 from anomalydiff.methods.base import CountingEpsModel
-from anomalydiff.methods.wolleb import gaussian_per_image, image_generators
+from anomalydiff.methods.common import gaussian_per_image, image_generators
 from anomalydiff.records import Batch
 
 T = 50

@@ -18,7 +18,7 @@ from anomalydiff.config import load_config
 from anomalydiff.diffusion.schedule import ScheduleConfig, make_schedule
 from anomalydiff.labels import HEALTHY, NULL_LABEL, UNHEALTHY
 from anomalydiff.methods.cgcdm import CGCDM, CGCDMConfig, keep_largest_component
-from anomalydiff.methods.wolleb import gaussian_per_image, image_generators
+from anomalydiff.methods.common import gaussian_per_image, image_generators
 from anomalydiff.records import Batch
 
 T = 50

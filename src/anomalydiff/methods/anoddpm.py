@@ -51,7 +51,7 @@ from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddpm_step, predict_x0, q_sample
 from anomalydiff.labels import NULL_LABEL
 from anomalydiff.methods.base import EpsModel
-from anomalydiff.methods.wolleb import (
+from anomalydiff.methods.common import (
     check_calibration,
     gaussian_per_image,
     image_generators,

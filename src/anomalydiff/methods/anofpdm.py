@@ -63,7 +63,6 @@ Deliberate differences from the official code (each is allowed or asked for by t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator, Literal
@@ -77,6 +76,7 @@ from anomalydiff.diffusion.guidance import cfg_eps
 from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddim_invert_step, predict_x0, q_sample
 from anomalydiff.labels import HEALTHY, NULL_LABEL, UNHEALTHY
+from anomalydiff.methods.common import gaussian_per_image, image_generators
 from anomalydiff.methods.base import EpsModel, NotFittedError
 from anomalydiff.postprocess import median_filter, remove_small_components
 from anomalydiff.records import Batch, MethodOutput
@@ -339,21 +339,6 @@ def select_guidance_w(
     raise ValueError(f"select_guidance_w: rule must be 'global' or 'incremental', got {rule!r}")
 
 
-def _image_generator(seed: int, subject_id: str, slice_index: int, device: torch.device) -> torch.Generator:
-    """A generator seeded from (seed, subject, slice), stable across processes (sha256, not ``hash``)."""
-    digest = hashlib.sha256(f"anofpdm|{seed}|{subject_id}|{slice_index}".encode()).digest()
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return generator
-
-
-def _draw_noise(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` standard normal noise, image b from ``generators[b]`` (drawn in float32, then cast)."""
-    return torch.stack(
-        [torch.randn(like.shape[1:], generator=g, device=like.device, dtype=torch.float32) for g in generators]
-    ).to(like.dtype)
-
-
 @dataclass
 class _Step:
     """What the forward loop yields at one evaluated step."""
@@ -430,10 +415,7 @@ class AnoFPDM:
         """
         x0 = batch.image
         device, batch_size = x0.device, x0.shape[0]
-        generators = [
-            _image_generator(self.config.seed, str(s), int(i), device)
-            for s, i in zip(batch.subject_id, batch.slice_index.tolist())
-        ]
+        generators = image_generators(batch, self.config.seed)
         labels = torch.cat(
             [
                 torch.full((batch_size,), HEALTHY, dtype=torch.long, device=device),
@@ -443,12 +425,12 @@ class AnoFPDM:
         steps = self.steps
         # 1. x^(0) = q_sample(x0, 0) (both encodings; alpha_bar[0] = 0.9999)
         t = torch.zeros(batch_size, dtype=torch.long, device=device)
-        xt = q_sample(self.schedule, x0, t, _draw_noise(generators, x0))
+        xt = q_sample(self.schedule, x0, t, gaussian_per_image(x0, generators))
         for index, k in enumerate(steps):
             t = torch.full((batch_size,), k, dtype=torch.long, device=device)
             if index > 0 and self.config.encoding == "ddpm":
                 # 1b. DDPM encoding: fresh marginal sample at level k (P2 Eq. 2)
-                xt = q_sample(self.schedule, x0, t, _draw_noise(generators, x0))
+                xt = q_sample(self.schedule, x0, t, gaussian_per_image(x0, generators))
             # 2. one network call on [xt; xt] with labels [healthy; null] (2 NFE per image)
             eps = self.eps_model(torch.cat([xt, xt]), torch.cat([t, t]), labels)
             eps_healthy, eps_null = eps[:batch_size], eps[batch_size:]

@@ -55,7 +55,7 @@ from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddim_step, predict_x0, q_sample
 from anomalydiff.labels import HEALTHY, NUM_CLASSES, UNHEALTHY
 from anomalydiff.methods.base import Classifier
-from anomalydiff.methods.wolleb import (
+from anomalydiff.methods.common import (
     check_calibration,
     gaussian_per_image,
     image_generators,

@@ -58,8 +58,8 @@ from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddim_invert_step, ddim_step, predict_eps_from_x0, predict_x0
 from anomalydiff.labels import HEALTHY, NULL_LABEL, NUM_CLASSES
 from anomalydiff.methods.base import EpsModel
-from anomalydiff.methods.wolleb import (
-    LoopPlan,
+from anomalydiff.methods.common import LoopPlan
+from anomalydiff.methods.common import (
     check_calibration,
     masked_image_score,
     reconstruction_error_map,
@@ -141,7 +141,7 @@ class DDIB:
         """The inversion and decoding timesteps (module docstring); ``start_level`` 0 = the clean ``x0``.
 
         Returns:
-            The :class:`~anomalydiff.methods.wolleb.LoopPlan`.
+            The :class:`~anomalydiff.methods.common.LoopPlan`.
         """
         cfg = self.config
         highest = self.schedule.num_timesteps - 1
