@@ -107,19 +107,7 @@ from anomalydiff.methods.common import (
     _labels,
 )
 
-__all__ = [
-    "LoopPlan",
-    "Wolleb",
-    "WollebConfig",
-    "check_calibration",
-    "gaussian_per_image",
-    "image_generators",
-    "masked_image_score",
-    "minmax_maps",
-    "otsu_masks",
-    "reconstruction_error_map",
-    "strided_grid",
-]
+__all__ = ["Wolleb", "WollebConfig"]
 
 
 # ----------------------------------------------------------------------------------------------------------
