@@ -41,18 +41,17 @@ Deliberate differences from the official code ([ADDPM-code], P2 ``config/run_tra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 
-from anomalydiff.config import to_dict
 from anomalydiff.diffusion.noise import SimplexConfig, fractal_simplex_noise
 from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddpm_step, predict_x0, q_sample
 from anomalydiff.labels import NULL_LABEL
 from anomalydiff.methods.base import EpsModel
 from anomalydiff.methods.common import (
-    check_calibration,
+    NoFitCalibration,
     gaussian_per_image,
     image_generators,
     masked_image_score,
@@ -90,7 +89,7 @@ class AnoDDPMConfig:
             raise ValueError(f"AnoDDPMConfig.median_size is {self.median_size}; use 0 (off) or an odd size (5).")
 
 
-class AnoDDPM:
+class AnoDDPM(NoFitCalibration):
     """AnoDDPM: partial noising to lambda and DDPM reconstruction with a healthy-only model (spec D.1).
 
     Built from explicit parts: ``AnoDDPM(eps_model, schedule, config)``.
@@ -120,41 +119,6 @@ class AnoDDPM:
         #: reverse-step timesteps, lambda-1 .. 0 (one network evaluation each)
         self.reverse_steps: tuple[int, ...] = tuple(range(config.noise_level - 1, -1, -1))
 
-    def fit(self, val_batches: Iterable[Batch]) -> "AnoDDPM":
-        """Nothing label-free to fit: the fixed threshold is a threshold policy's job (spec D).
-
-        Args:
-            val_batches: ignored (not iterated).
-
-        Returns:
-            self.
-        """
-        return self
-
-    def calibration(self) -> dict[str, Any]:
-        """The settings as JSON (no native threshold: tau comes from a fitted policy).
-
-        Returns:
-            ``{"method", "config", "native_threshold": None, "uses_pixel_labels": True}``.
-        """
-        return {
-            "method": self.name,
-            "config": to_dict(self.config),
-            "native_threshold": None,
-            "uses_pixel_labels": self.uses_pixel_labels,
-        }
-
-    def load_calibration(self, calibration: dict[str, Any]) -> "AnoDDPM":
-        """Check a calibration written by :meth:`calibration` (nothing else to restore).
-
-        Args:
-            calibration: the dict.
-
-        Returns:
-            self.
-        """
-        check_calibration(self.name, self.config, calibration)
-        return self
 
     def _noise(self, like: torch.Tensor, t: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Noise of the configured family for each image at timestep ``t``, ``[B, C, H, W]``.

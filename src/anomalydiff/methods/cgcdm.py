@@ -43,20 +43,19 @@ Deliberate differences / choices (P2's CG-CDM settings are UNVERIFIED, spec D.4)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from skimage.measure import label as label_components
 
-from anomalydiff.config import to_dict
 from anomalydiff.diffusion.guidance import classifier_guided_eps, classifier_log_prob_grad
 from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddim_step, predict_x0, q_sample
 from anomalydiff.labels import HEALTHY, NUM_CLASSES, UNHEALTHY
 from anomalydiff.methods.base import Classifier
 from anomalydiff.methods.common import (
-    check_calibration,
+    NoFitCalibration,
     gaussian_per_image,
     image_generators,
     masked_image_score,
@@ -137,7 +136,7 @@ def keep_largest_component(masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class CGCDM:
+class CGCDM(NoFitCalibration):
     """CG-CDM: finite difference of two classifier-guided DDIM chains with perturbed class embeddings (D.4).
 
     Built from explicit parts: ``CGCDM(eps_model_with_embedding, classifier, schedule, config)``.
@@ -181,41 +180,9 @@ class CGCDM:
             range(config.noise_level - 1, config.noise_level - 1 - config.num_steps, -1)
         )
 
-    def fit(self, val_batches: Iterable[Batch]) -> "CGCDM":
-        """Nothing label-based to fit: the native threshold is Otsu per image.
-
-        Args:
-            val_batches: ignored (not iterated).
-
-        Returns:
-            self.
-        """
-        return self
-
-    def calibration(self) -> dict[str, Any]:
-        """The settings as JSON (no fitted values; the native threshold is per-image Otsu).
-
-        Returns:
-            ``{"method", "config", "native_threshold": "otsu_per_image", "uses_pixel_labels"}``.
-        """
-        return {
-            "method": self.name,
-            "config": to_dict(self.config),
-            "native_threshold": "otsu_per_image",
-            "uses_pixel_labels": self.uses_pixel_labels,
-        }
-
-    def load_calibration(self, calibration: dict[str, Any]) -> "CGCDM":
-        """Check a calibration written by :meth:`calibration` (nothing else to restore).
-
-        Args:
-            calibration: the dict.
-
-        Returns:
-            self.
-        """
-        check_calibration(self.name, self.config, calibration)
-        return self
+    def native_threshold(self) -> str | None:
+        """Otsu per image where the method thresholds itself, else None (a fitted policy)."""
+        return "otsu_per_image"
 
     def difference(
         self, x0: torch.Tensor, generators: list[torch.Generator]

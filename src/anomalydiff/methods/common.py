@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import torch
 
@@ -224,3 +224,38 @@ def _timesteps(value: int, like: torch.Tensor) -> torch.Tensor:
 def _labels(value: int, like: torch.Tensor) -> torch.Tensor:
     """A LongTensor ``[B]`` of labels on ``like``'s device."""
     return torch.full((like.shape[0],), int(value), dtype=torch.long, device=like.device)
+
+
+class NoFitCalibration:
+    """``fit`` / ``calibration`` / ``load_calibration`` for methods with nothing label-based to fit.
+
+    Their settings are the whole calibration; the threshold is either native (Otsu per image, see
+    :meth:`native_threshold`) or comes from a fitted policy in ``anomalydiff.postprocess`` (spec D).
+    The host class provides ``name``, ``config`` and ``uses_pixel_labels``.
+    """
+
+    name: ClassVar[str]
+    config: Any
+    uses_pixel_labels: bool
+
+    def native_threshold(self) -> str | None:
+        """The method's own label-free threshold, or None when a fitted policy supplies it."""
+        return None
+
+    def fit(self, val_batches: Iterable[Batch]) -> Any:
+        """Nothing to fit (``val_batches`` is not iterated); returns self."""
+        return self
+
+    def calibration(self) -> dict[str, Any]:
+        """``{"method", "config", "native_threshold", "uses_pixel_labels"}`` as JSON-ready values."""
+        return {
+            "method": self.name,
+            "config": to_dict(self.config),
+            "native_threshold": self.native_threshold(),
+            "uses_pixel_labels": self.uses_pixel_labels,
+        }
+
+    def load_calibration(self, calibration: dict[str, Any]) -> Any:
+        """Check a calibration written by :meth:`calibration` (nothing else to restore); returns self."""
+        check_calibration(self.name, self.config, calibration)
+        return self

@@ -48,11 +48,10 @@ Deliberate differences from the official codes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from anomalydiff.config import to_dict
 from anomalydiff.diffusion.guidance import cfg_eps
 from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import ddim_invert_step, ddim_step, predict_eps_from_x0, predict_x0
@@ -60,7 +59,7 @@ from anomalydiff.labels import HEALTHY, NULL_LABEL, NUM_CLASSES
 from anomalydiff.methods.base import EpsModel
 from anomalydiff.methods.common import LoopPlan
 from anomalydiff.methods.common import (
-    check_calibration,
+    NoFitCalibration,
     masked_image_score,
     reconstruction_error_map,
     strided_grid,
@@ -116,7 +115,7 @@ def dynamic_clip_x0(x0_hat: torch.Tensor, quantile: float = 0.99) -> torch.Tenso
     return torch.maximum(torch.minimum(x0_hat, s), -s) / s
 
 
-class DDIB:
+class DDIB(NoFitCalibration):
     """DDIM classifier-free counterfactual: null-label DDIM inversion, CFG decoding to healthy (spec D.3).
 
     Built from explicit parts: ``DDIB(eps_model, schedule, config)``.
@@ -158,41 +157,6 @@ class DDIB:
         decode = tuple((grid[k], grid[k - 1] if k > 0 else -1) for k in range(first, -1, -1))
         return LoopPlan(start_level=0, encode=encode, decode=decode)
 
-    def fit(self, val_batches: Iterable[Batch]) -> "DDIB":
-        """Nothing label-free to fit: the fixed threshold is a threshold policy's job (spec D).
-
-        Args:
-            val_batches: ignored (not iterated).
-
-        Returns:
-            self.
-        """
-        return self
-
-    def calibration(self) -> dict[str, Any]:
-        """The settings as JSON (no native threshold: tau comes from a fitted policy).
-
-        Returns:
-            ``{"method", "config", "native_threshold": None, "uses_pixel_labels": True}``.
-        """
-        return {
-            "method": self.name,
-            "config": to_dict(self.config),
-            "native_threshold": None,
-            "uses_pixel_labels": self.uses_pixel_labels,
-        }
-
-    def load_calibration(self, calibration: dict[str, Any]) -> "DDIB":
-        """Check a calibration written by :meth:`calibration` (nothing else to restore).
-
-        Args:
-            calibration: the dict.
-
-        Returns:
-            self.
-        """
-        check_calibration(self.name, self.config, calibration)
-        return self
 
     def _x0_and_eps(self, x: torch.Tensor, t_vec: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 prediction with the configured clipping (A.3 static clip, or Sanchez's dynamic one) and its eps."""

@@ -71,11 +71,10 @@ Shared helpers (per-image generators, error maps, Otsu masks, strided grids) liv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 
-from anomalydiff.config import to_dict
 from anomalydiff.diffusion.guidance import (
     classifier_guided_eps,
     classifier_guided_mean,
@@ -94,12 +93,11 @@ from anomalydiff.methods.base import Classifier, EpsModel
 from anomalydiff.postprocess import median_filter
 from anomalydiff.records import Batch, MethodOutput
 from anomalydiff.methods.common import (
+    NoFitCalibration,
     LoopPlan,
-    check_calibration,
     gaussian_per_image,
     image_generators,
     masked_image_score,
-    minmax_maps,
     otsu_masks,
     reconstruction_error_map,
     strided_grid,
@@ -160,7 +158,7 @@ class WollebConfig:
             raise ValueError(f"WollebConfig.median_size is {self.median_size}; use 0 (off) or an odd size (P2: 5).")
 
 
-class Wolleb:
+class Wolleb(NoFitCalibration):
     """Wolleb et al. 2022: DDIM encoding and classifier-guided DDIM decoding towards healthy (spec B).
 
     Built from explicit parts: ``Wolleb(eps_model, classifier, schedule, config)``.
@@ -234,41 +232,9 @@ class Wolleb:
         return LoopPlan(start_level=start, encode=encode, decode=decode)
 
     # -- fit / calibration -------------------------------------------------------------------------------
-    def fit(self, val_batches: Iterable[Batch]) -> "Wolleb":
-        """Nothing to fit: Otsu is per image and label-free (P1); P2's fixed threshold is a policy's job.
-
-        Args:
-            val_batches: ignored (not iterated).
-
-        Returns:
-            self.
-        """
-        return self
-
-    def calibration(self) -> dict[str, Any]:
-        """The method's settings as JSON (no fitted values: the native threshold is per-image Otsu).
-
-        Returns:
-            ``{"method", "config", "native_threshold", "uses_pixel_labels"}``.
-        """
-        return {
-            "method": self.name,
-            "config": to_dict(self.config),
-            "native_threshold": "otsu_per_image" if self.config.threshold == "otsu" else None,
-            "uses_pixel_labels": self.uses_pixel_labels,
-        }
-
-    def load_calibration(self, calibration: dict[str, Any]) -> "Wolleb":
-        """Check a calibration written by :meth:`calibration` (nothing else to restore).
-
-        Args:
-            calibration: the dict.
-
-        Returns:
-            self.
-        """
-        check_calibration(self.name, self.config, calibration)
-        return self
+    def native_threshold(self) -> str | None:
+        """Otsu per image where the method thresholds itself, else None (a fitted policy)."""
+        return "otsu_per_image" if self.config.threshold == "otsu" else None
 
     # -- inference -----------------------------------------------------------------------------------------
     def reconstruct(
