@@ -107,3 +107,29 @@ def classifier(
       anomalydiff train classifier --store data/phantom --out runs/clf --resume
     """
     _run("classifier", store, out, config, set_, resume, device)
+
+
+@train_app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="The `anomalydiff train` run folder to export (finished or paused)."),
+    part: str = typer.Option(..., "--part", help="cfg, classifier, healthy_gaussian or healthy_simplex."),
+    out: Path = typer.Option(..., "--out", help="Model folder; the part is written to OUT/PART (replaced)."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 (half-size files) or float32."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Training store: writes OUT/preprocess.json for predict."),
+    data_note: str = typer.Option("", "--data-note", help="How the training data was made, for the model card."),
+) -> None:
+    """Export a run as a model part: EMA weights (fp16 by default), config, curves and a model card.
+
+    \b
+    Example:
+      anomalydiff train export runs/cfg --part cfg --out models/phantom --store data/phantom_store
+    """
+    from anomalydiff.models.io import CheckpointError
+    from anomalydiff.training.export import export_run
+
+    try:
+        folder = export_run(run, out, part, dtype=dtype, store=store, data_note=data_note)
+    except (CheckpointError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"exported {run} -> {folder} (card: {folder / 'MODEL_CARD.md'})", err=True)
