@@ -67,6 +67,7 @@ __all__ = [
     "iter_batches_to",
     "load_result",
     "make_policy",
+    "method_device",
     "peak_memory_mb",
     "report_from_json",
     "reset_peak_memory",
@@ -625,7 +626,8 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _method_device(method: Any) -> torch.device:
+def method_device(method: Any) -> torch.device:
+    """Where a method's networks live (the device its batches must go to); CPU for a method without networks."""
     for attribute in ("eps_model", "classifier"):
         module = getattr(method, attribute, None)
         if isinstance(module, torch.nn.Module):
@@ -673,7 +675,7 @@ def run_method(
     """
     config = dataclasses.replace(config or EvaluationConfig(), **overrides)
     store = store if isinstance(store, SliceStore) else SliceStore(store)
-    device = torch.device(device) if device is not None else _method_device(method)
+    device = torch.device(device) if device is not None else method_device(method)
     name = name or str(getattr(method, "name", type(method).__name__))
     exact_peak = reset_peak_memory(device)
     started = time.perf_counter()

@@ -89,6 +89,7 @@ from anomalydiff.evaluation.runner import (
     has_native_threshold,
     iter_batches,
     make_policy,
+    method_device,
     sample_rows,
 )
 from anomalydiff.labels import HEALTHY, UNHEALTHY
@@ -433,7 +434,7 @@ class Predictor:
         self.parts = parts
         self.used_parts = tuple(used_parts)
         self.config = config
-        self.device = torch.device(device) if device is not None else _method_device(method)
+        self.device = torch.device(device) if device is not None else method_device(method)
         self.calibration_: dict[str, Any] | None = None
         self.policy_: Any = None
         self.policy_name_: str | None = None
@@ -971,15 +972,6 @@ def _policy_from_description(description: Mapping[str, Any]) -> Any:
             return OtsuThreshold()
         raise ConfigError(f"threshold policy {dict(description)} has no threshold value; refit it")
     return FixedThreshold(float(threshold), uses_pixel_labels=bool(description.get("uses_pixel_labels", False)))
-
-
-def _method_device(method: Any) -> torch.device:
-    for attribute in ("eps_model", "classifier"):
-        module = getattr(method, attribute, None)
-        if isinstance(module, torch.nn.Module):
-            for parameter in module.parameters():
-                return parameter.device
-    return torch.device("cpu")
 
 
 def _file_slice_positions(info: Mapping[str, Any], indices: Sequence[int]) -> tuple[int, list[int]]:
