@@ -163,7 +163,9 @@ def export_run(
         "dtype": dtype,
         "export_relative_error": rel_error,
         "sha256": sha,
-        "command": f"anomalydiff train {kind} --store STORE --out RUN --config {part}/config.yaml",
+        # the run may have been stopped before its planned steps: the command reproduces the exported step
+        "command": f"anomalydiff train {kind} --store STORE --out RUN --config {part}/config.yaml"
+        + (f" --set steps={int(trainer['step'])}" if int(trainer["step"]) != config.get("steps") else ""),
         "resume_command": f"anomalydiff train {kind} --store STORE --out RUN --resume",
         "data": data_note,
         "seed": config.get("seed"),
