@@ -20,8 +20,9 @@ inputs. Rows go to ``RUN/diagnostics.csv`` as (step, wall_time, t, metric, value
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -86,6 +87,14 @@ def _auroc(labels: torch.Tensor, score: torch.Tensor) -> float:
     if len(np.unique(y)) < 2:
         return float("nan")  # AUROC is undefined with one class present
     return float(roc_auc_score(y, score.double().cpu().numpy()))
+
+
+def _accuracy_auroc_rows(t: int, name: str, pred: torch.Tensor, score: torch.Tensor, labels: torch.Tensor) -> list[Row]:
+    """Rows ``{name}_acc`` (accuracy of ``pred [N]``) and ``{name}_auroc`` (AUROC of ``score [N]``) at ``t``."""
+    return [
+        {"t": t, "metric": f"{name}_acc", "value": float((pred == labels).float().mean())},
+        {"t": t, "metric": f"{name}_auroc", "value": _auroc(labels, score)},
+    ]
 
 
 def _batched(model: Callable[..., torch.Tensor], batch_size: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -177,11 +186,8 @@ def implicit_classifier_metrics(
         pred = (err[:, 1] < err[:, 0]).long()
         score = err[:, 0] - err[:, 1]
         true_err = err.gather(1, labels.view(-1, 1)).squeeze(1)
-        rows += [
-            {"t": t, "metric": "implicit_acc", "value": float((pred == labels).float().mean())},
-            {"t": t, "metric": "implicit_auroc", "value": _auroc(labels, score)},
-            {"t": t, "metric": "eps_mse", "value": float(true_err.mean())},
-        ]
+        rows += _accuracy_auroc_rows(t, "implicit", pred, score, labels)
+        rows.append({"t": t, "metric": "eps_mse", "value": float(true_err.mean())})
     return rows
 
 
@@ -236,11 +242,7 @@ def noisy_classifier_metrics(
         for draw in range(noise_draws):
             x_t = q_sample(schedule, x0, t_batch, _noise("gaussian", x0, t, seed, draw, SimplexConfig()))
             prob += _batched(classifier, batch_size, x_t, t_batch).softmax(dim=1) / noise_draws
-        pred = prob.argmax(dim=1)
-        rows += [
-            {"t": t, "metric": "classifier_acc", "value": float((pred == labels).float().mean())},
-            {"t": t, "metric": "classifier_auroc", "value": _auroc(labels, prob[:, 1])},
-        ]
+        rows += _accuracy_auroc_rows(t, "classifier", prob.argmax(dim=1), prob[:, 1], labels)
     return rows
 
 

@@ -17,8 +17,8 @@ Example::
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,32 +26,13 @@ from torch import nn
 
 from anomalydiff.data.store import SliceDataset, SliceStore
 from anomalydiff.diffusion.noise import simplex_noise
-from anomalydiff.diffusion.schedule import NoiseSchedule, make_schedule
+from anomalydiff.diffusion.schedule import NoiseSchedule
 from anomalydiff.diffusion.steps import q_sample
 from anomalydiff.labels import HEALTHY, NULL_LABEL
 from anomalydiff.models.unet import ClassConditionalUNet, UnconditionalUNet, UNetConfig
 from anomalydiff.training import diagnostics as diag
-from anomalydiff.training.checkpoint import (
-    has_checkpoint,
-    load_checkpoint,
-    prepare_run_folder,
-    save_checkpoint,
-    truncate_csv_after,
-    write_run_config,
-)
 from anomalydiff.training.config import DiffusionTrainConfig
-from anomalydiff.training.distributed import (
-    ShardedBatchSampler,
-    barrier,
-    derive_seed,
-    init_distributed,
-    replica_max_abs_diff,
-    run_on_main,
-    shutdown_distributed,
-    wrap_model,
-)
-from anomalydiff.training.ema import EMA
-from anomalydiff.training.loop import StepLogger, autocast, count_parameters, load_batch, seed_step
+from anomalydiff.training.loop import run_training
 
 INIT_KEY = 7_777_777  # derive_seed(seed, INIT_KEY): the weight-initialisation stream
 
@@ -127,10 +108,6 @@ def diffusion_loss(
     return (eps_pred.float() - noise.float()).pow(2).mean()
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def train_diffusion(
     config: DiffusionTrainConfig,
     store: str | Path,
@@ -152,107 +129,62 @@ def train_diffusion(
     Returns:
         The run folder.
     """
-    info = init_distributed(device)
-    run_dir = Path(run_dir)
-    logger = None
-    try:
-        store_ = SliceStore(store)
-        dataset = diffusion_dataset(store_, config)
-        config = replace(config, model=config.model.resolved(store_.shape[1]))
-        if config.model.in_channels != store_.shape[1]:
-            raise ValueError(
-                f"model.in_channels={config.model.in_channels} but the store {store_.path} has {store_.shape[1]} channels; "
-                "drop model.in_channels (it is filled in from the store) or use a matching store"
-            )
-        run_on_main(info, lambda: (prepare_run_folder(run_dir, resume), write_run_config(run_dir, config)))
-        # 1. network, EMA copy, optimizer (AdamW, weight decay 0: A.5)
-        torch.manual_seed(derive_seed(config.seed, INIT_KEY))
-        model = build_diffusion_model(config.mode, config.model).to(info.device)
-        ema = EMA(model, config.ema.rate, config.ema.warmup)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
+    return run_training(
+        config, store, run_dir, resume, device,
+        kind="diffusion", title=f"diffusion ({config.mode})", init_key=INIT_KEY, prepare=partial(_prepare, config),
+        build_model=lambda resolved: build_diffusion_model(resolved.mode, resolved.model),
+        draw_inputs=partial(_step_inputs, config), loss_fn=diffusion_loss, diagnose=partial(_diagnostics, config),
+    )
+
+
+def _prepare(config: DiffusionTrainConfig, store: SliceStore) -> tuple[SliceDataset, DiffusionTrainConfig]:
+    """The mode's training slices, and the config with ``model.in_channels`` filled in from the store."""
+    config = replace(config, model=config.model.resolved(store.shape[1]))
+    if config.model.in_channels != store.shape[1]:
+        raise ValueError(
+            f"model.in_channels={config.model.in_channels} but the store {store.path} has {store.shape[1]} channels; "
+            "drop model.in_channels (it is filled in from the store) or use a matching store"
         )
-        start_step, wall_offset = 0, 0.0
-        if resume and has_checkpoint(run_dir):
-            state = load_checkpoint(run_dir, model, ema, optimizer)
-            start_step, wall_offset = int(state["step"]), float(state["wall_time"])
-            if int(state["world_size"]) != info.world_size and info.is_main:
-                _log(f"warning: run was trained on {state['world_size']} processes, resumed on {info.world_size}: "
-                     "the data shards differ from an uninterrupted run")
-        if resume and info.is_main:
-            for name in ("loss.csv", "diagnostics.csv"):
-                truncate_csv_after(run_dir / name, start_step)
-        ddp_model = wrap_model(model, info)
-        schedule = make_schedule(config.schedule)
-        sampler = ShardedBatchSampler(len(dataset), config.batch_size, config.seed, info.rank, info.world_size)
-        subset = None
-        if config.diagnostics.every > 0 and info.is_main:
-            d = config.diagnostics
-            subset = diag.select_validation_subset(store_, d.split, d.num_slices, d.seed)
-        if info.is_main:
-            _log(f"train diffusion ({config.mode}): {count_parameters(model):,} parameters, {len(dataset)} slices, "
-                 f"device {info.device}, {info.world_size} process(es), steps {start_step}->{config.steps}")
-        logger = StepLogger(run_dir, info, start_step, config.steps, config.log_every, wall_offset, config.progress)
-        model.train()
-        for step in range(start_step, config.steps):
-            generator = seed_step(config.seed, info.rank, step)
-            x0, y = load_batch(dataset, sampler.indices(step), info.device)
-            # 2. t ~ U{0..T-1} (A.5), the noise (A.5 / D.1), label dropout (A.6), all from this step's generator
-            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
-            noise = draw_noise(config.mode, x0, t, config, generator)
-            y = drop_labels(y, config.label_dropout, generator) if config.mode == "cfg" else torch.full_like(y, NULL_LABEL)
-            # 3. loss, backward, clip, AdamW step, EMA update
-            with autocast(info.device, config.bf16):
-                loss = diffusion_loss(ddp_model, schedule, x0, t.to(info.device), noise, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            ema.update(model)
-            done = step + 1
-            logger.step(done, float(loss.detach()), optimizer.param_groups[0]["lr"])
-            # 4. diagnostics on the EMA weights (rank 0), then the checkpoint
-            last = done == config.steps
-            with logger.pause():
-                if subset is not None and (done % config.diagnostics.every == 0 or last):
-                    _run_diagnostics(config, ema.shadow, schedule, subset, run_dir, done, logger.wall_time())
-                if done % config.checkpoint_every == 0 or last:
-                    sync = replica_max_abs_diff(model, info)
-                    if info.is_main:
-                        position = sampler.position(done)
-                        save_checkpoint(run_dir, model, ema, optimizer, {
-                            "kind": "diffusion", "step": done, "epoch": position[0], "position": position[1],
-                            "world_size": info.world_size, "wall_time": logger.wall_time(), "seed": config.seed,
-                            "rng": "derived from (seed, rank, step); nothing to restore",
-                            "replica_max_abs_diff": sync,
-                        })
-                    barrier(info)
-        if subset is not None:
-            diag.plot_diagnostics(run_dir)
-        return run_dir
-    finally:
-        if logger is not None:
-            logger.close()
-        shutdown_distributed(info)
+    return diffusion_dataset(store, config), config
 
 
-def _run_diagnostics(
-    config: DiffusionTrainConfig,
-    ema_model: nn.Module,
-    schedule: NoiseSchedule,
-    subset: tuple[torch.Tensor, torch.Tensor],
-    run_dir: Path,
-    step: int,
-    wall_time: float,
-) -> None:
+def _step_inputs(
+    config: DiffusionTrainConfig, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's noise (A.5 / D.1) and labels: dropped to NULL_LABEL with p (cfg, A.6), else all NULL_LABEL.
+
+    Args:
+        config: the training config.
+        x0: ``[B, C, H, W]`` clean slices; y: ``[B]`` their labels; t: ``[B]`` long timesteps on the CPU.
+        generator: the step's CPU generator (drawn from in this order: noise, then label dropout).
+
+    Returns:
+        noise ``[B, C, H, W]`` and the labels ``[B]`` the network is given.
+    """
+    noise = draw_noise(config.mode, x0, t, config, generator)
+    if config.mode != "cfg":
+        return noise, torch.full_like(y, NULL_LABEL)
+    return noise, drop_labels(y, config.label_dropout, generator)
+
+
+def _diagnostics(
+    config: DiffusionTrainConfig, ema_model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, labels: torch.Tensor
+) -> list[diag.Row]:
+    """Implicit-classifier metrics (cfg) or denoising errors (healthy / simplex) of the EMA network.
+
+    Args:
+        config: the training config (mode, ``diagnostics``, simplex settings).
+        ema_model: the EMA network.
+        schedule: the noise schedule.
+        x0: ``[N, C, H, W]`` validation slices; labels: ``[N]`` their image labels.
+
+    Returns:
+        rows ``{"t", "metric", "value"}`` of ``diagnostics.csv``.
+    """
     d = config.diagnostics
-    x0, labels = subset
     if config.mode == "cfg":
-        rows = diag.implicit_classifier_metrics(ema_model, schedule, x0, labels, d.timesteps, d.noise_draws, d.seed, d.batch_size)
-    else:
-        noise = "simplex" if config.mode == "simplex" else "gaussian"
-        rows = diag.unconditional_denoising_metrics(
-            ema_model, schedule, x0, labels, d.timesteps, d.noise_draws, d.seed, d.batch_size, noise, config.simplex
-        )
-    diag.append_diagnostics(run_dir, step, wall_time, rows)
+        return diag.implicit_classifier_metrics(ema_model, schedule, x0, labels, d.timesteps, d.noise_draws, d.seed, d.batch_size)
+    noise = "simplex" if config.mode == "simplex" else "gaussian"
+    return diag.unconditional_denoising_metrics(
+        ema_model, schedule, x0, labels, d.timesteps, d.noise_draws, d.seed, d.batch_size, noise, config.simplex
+    )

@@ -1,23 +1,65 @@
-"""Pieces shared by the two training loops (``diffusion.py``, ``classifier.py``): the run set-up and the
-per-step bookkeeping. The loops themselves are written out in full in those modules.
+"""The training run shared by the diffusion UNet (``diffusion.py``) and the noisy classifier (``classifier.py``).
+
+:func:`run_training` is the whole run: distributed set-up, run folder (new or ``--resume``), seeded network
+init, EMA, AdamW, the seeded sharded data order, the step loop (t ~ U{0..T-1}, loss under optional bf16
+autocast, grad clipping, optimizer step, EMA update, loss log), diagnostics on the EMA weights, atomic
+checkpoints and shutdown. A trainer passes only what differs: its data and resolved config, its network, the
+noise and labels its loss sees, the loss itself, and its diagnostics.
+
+Everything random in a run is a function of (seed, rank, step) (:func:`seed_step`,
+``ShardedBatchSampler``), so a resumed run continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from anomalydiff.data.store import SliceDataset
-from anomalydiff.training.checkpoint import LOSS_COLUMNS, CsvLog
-from anomalydiff.training.distributed import DistInfo, derive_seed, mean_over_ranks
+from anomalydiff.data.store import SliceDataset, SliceStore
+from anomalydiff.diffusion.schedule import NoiseSchedule, make_schedule
+from anomalydiff.training import diagnostics as diag
+from anomalydiff.training.checkpoint import (
+    LOSS_COLUMNS,
+    CsvLog,
+    has_checkpoint,
+    load_checkpoint,
+    prepare_run_folder,
+    save_checkpoint,
+    truncate_csv_after,
+    write_run_config,
+)
+from anomalydiff.training.config import TrainConfig
+from anomalydiff.training.distributed import (
+    DistInfo,
+    ShardedBatchSampler,
+    barrier,
+    derive_seed,
+    init_distributed,
+    mean_over_ranks,
+    replica_max_abs_diff,
+    run_on_main,
+    shutdown_distributed,
+    wrap_model,
+)
+from anomalydiff.training.ema import EMA
+
+#: ``(x0 [B, C, H, W], y [B], t [B] long on the CPU, generator) -> (noise [B, C, H, W], y [B])``: the step's
+#: forward-process noise and the labels the loss sees, drawn from the step's CPU generator.
+DrawInputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+#: ``(model, schedule, x0, t, noise, y) -> scalar loss`` (``diffusion_loss`` / ``classifier_loss``).
+StepLoss = Callable[[nn.Module, NoiseSchedule, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(ema_model, schedule, x0 [N, C, H, W], labels [N]) -> rows {"t", "metric", "value"}`` of ``diagnostics.csv``.
+Diagnose = Callable[[nn.Module, NoiseSchedule, torch.Tensor, torch.Tensor], list[diag.Row]]
 
 
 def load_batch(dataset: SliceDataset, positions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +101,139 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters."""
     return sum(p.numel() for p in model.parameters())
+
+
+def run_training(
+    config: TrainConfig,
+    store: str | Path,
+    run_dir: str | Path,
+    resume: bool,
+    device: str,
+    *,
+    kind: str,
+    title: str,
+    init_key: int,
+    prepare: Callable[[SliceStore], tuple[SliceDataset, TrainConfig]],
+    build_model: Callable[[TrainConfig], nn.Module],
+    draw_inputs: DrawInputs,
+    loss_fn: StepLoss,
+    diagnose: Diagnose,
+) -> Path:
+    """Run (or resume) one training run into ``run_dir``; the same on one process or under ``torchrun``.
+
+    Args:
+        config: the training config as given (its model fields may still be None).
+        store: a prepared slice store.
+        run_dir: the run folder (must be new or empty unless ``resume``).
+        resume: continue from the last checkpoint in ``run_dir`` (optimizer, EMA, data order restored).
+        device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``.
+        kind: ``diffusion`` / ``classifier``, written to ``state/trainer.json``.
+        title: what the start line calls the run (``diffusion (cfg)``, ``classifier``).
+        init_key: the weights are initialised from ``derive_seed(config.seed, init_key)``.
+        prepare: ``store -> (training dataset, config with the model fields resolved from the store)``;
+            raises when the config does not fit the store.
+        build_model: ``resolved config -> network`` (on the CPU; moved to the device here).
+        draw_inputs: the step's noise and labels (see :data:`DrawInputs`).
+        loss_fn: the training loss (see :data:`StepLoss`).
+        diagnose: the diagnostic rows of the EMA network (see :data:`Diagnose`), run on rank 0 every
+            ``config.diagnostics.every`` steps and at the end (never when that is 0).
+
+    Returns:
+        The run folder.
+    """
+    info = init_distributed(device)
+    run_dir = Path(run_dir)
+    logger = None
+    try:
+        store_ = SliceStore(store)
+        dataset, config = prepare(store_)
+        run_on_main(info, lambda: (prepare_run_folder(run_dir, resume), write_run_config(run_dir, config)))
+        # 1. network from its own init stream, EMA copy, optimizer (AdamW, weight decay 0: A.5, B.1)
+        torch.manual_seed(derive_seed(config.seed, init_key))
+        model = build_model(config).to(info.device)
+        ema = EMA(model, config.ema.rate, config.ema.warmup)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.optim.lr, betas=config.optim.betas, weight_decay=config.optim.weight_decay
+        )
+        start_step, wall_offset = _restore(run_dir, resume, info, model, ema, optimizer)
+        ddp_model = wrap_model(model, info)
+        schedule = make_schedule(config.schedule)
+        sampler = ShardedBatchSampler(len(dataset), config.batch_size, config.seed, info.rank, info.world_size)
+        subset = None
+        if config.diagnostics.every > 0 and info.is_main:
+            d = config.diagnostics
+            subset = diag.select_validation_subset(store_, d.split, d.num_slices, d.seed)
+        if info.is_main:
+            _log(f"train {title}: {count_parameters(model):,} parameters, {len(dataset)} slices, "
+                 f"device {info.device}, {info.world_size} process(es), steps {start_step}->{config.steps}")
+        logger = StepLogger(run_dir, info, start_step, config.steps, config.log_every, wall_offset, config.progress)
+        model.train()
+        for step in range(start_step, config.steps):
+            generator = seed_step(config.seed, info.rank, step)
+            x0, y = load_batch(dataset, sampler.indices(step), info.device)
+            # 2. t ~ U{0..T-1} (A.5, A.7), then the trainer's noise and labels, all from this step's generator
+            t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
+            noise, y = draw_inputs(x0, y, t, generator)
+            # 3. loss, backward, clip, AdamW step, EMA update
+            with autocast(info.device, config.bf16):
+                loss = loss_fn(ddp_model, schedule, x0, t.to(info.device), noise, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            ema.update(model)
+            done = step + 1
+            logger.step(done, float(loss.detach()), optimizer.param_groups[0]["lr"])
+            # 4. diagnostics on the EMA weights (rank 0), then the checkpoint
+            last = done == config.steps
+            with logger.pause():
+                if subset is not None and (done % config.diagnostics.every == 0 or last):
+                    rows = diagnose(ema.shadow, schedule, subset[0], subset[1])
+                    diag.append_diagnostics(run_dir, done, logger.wall_time(), rows)
+                if done % config.checkpoint_every == 0 or last:
+                    sync = replica_max_abs_diff(model, info)
+                    if info.is_main:
+                        position = sampler.position(done)
+                        save_checkpoint(run_dir, model, ema, optimizer, {
+                            "kind": kind, "step": done, "epoch": position[0], "position": position[1],
+                            "world_size": info.world_size, "wall_time": logger.wall_time(), "seed": config.seed,
+                            "rng": "derived from (seed, rank, step); nothing to restore",
+                            "replica_max_abs_diff": sync,
+                        })
+                    barrier(info)
+        if subset is not None:
+            diag.plot_diagnostics(run_dir)
+        return run_dir
+    finally:
+        if logger is not None:
+            logger.close()
+        shutdown_distributed(info)
+
+
+def _restore(
+    run_dir: Path, resume: bool, info: DistInfo, model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer
+) -> tuple[int, float]:
+    """On ``resume``: load the last checkpoint (if any) and drop log rows written after it.
+
+    Returns:
+        (the step to continue from, the training wall time already spent in s); (0, 0.0) for a new run.
+    """
+    start_step, wall_offset = 0, 0.0
+    if resume and has_checkpoint(run_dir):
+        state = load_checkpoint(run_dir, model, ema, optimizer)
+        start_step, wall_offset = int(state["step"]), float(state["wall_time"])
+        if int(state["world_size"]) != info.world_size and info.is_main:
+            _log(f"warning: run was trained on {state['world_size']} processes, resumed on {info.world_size}: "
+                 "the data shards differ from an uninterrupted run")
+    if resume and info.is_main:
+        for name in ("loss.csv", "diagnostics.csv"):
+            truncate_csv_after(run_dir / name, start_step)
+    return start_step, wall_offset
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
