@@ -4,7 +4,7 @@ One module per command (group); each registers itself on :data:`anomalydiff.cli.
 """
 
 from anomalydiff.cli.app import app
-from anomalydiff.cli import benchmark, detect, phantom, predict, prepare, report, train  # noqa: F401  (register commands)
+from anomalydiff.cli import benchmark, demo, detect, phantom, predict, prepare, report, train  # noqa: F401  (register commands)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """``anomalydiff report RUN_DIR``: one self-contained HTML page with the tables, plots and example panels.
 
-``RUN_DIR`` is a benchmark folder (``results.json``, from ``anomalydiff benchmark``) or a single run
-(``metrics.json`` + ``maps.npz``, from ``anomalydiff detect``). The page embeds every figure as a base64 PNG
+``RUN_DIR`` is a demo folder (``demo.json``, from ``anomalydiff demo``: what it did, models, metrics, examples,
+predictions on held-out scans and stage times), a benchmark folder (``results.json``, from ``anomalydiff
+benchmark``) or a single run (``metrics.json`` + ``maps.npz``, from ``anomalydiff detect``). The page embeds every figure as a base64 PNG
 (so the HTML alone is complete); the PNGs are also written beside it in ``RUN_DIR/figures/``.
 
 Example panels (per method, from its first seed's ``maps.npz``): the best, median and worst per-slice Dice
@@ -229,11 +230,169 @@ def _run_page(run_dir: Path, metrics: dict[str, Any], figure_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _seconds(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.1f}"
+
+
+def _demo_page(run_dir: Path, demo: dict[str, Any], figure_dir: Path) -> str:
+    """The page of an ``anomalydiff demo`` folder (``demo.json``; see :mod:`anomalydiff.evaluation.demo`)."""
+    import shutil
+
+    data, settings, machine = demo.get("data", {}), demo.get("settings", {}), demo.get("machine", {})
+    methods, predictions = demo.get("methods", []), demo.get("predictions", [])
+    splits = data.get("splits", {})
+    first = methods[0]["samples"] if methods else {}
+    parts = [
+        "<h1>anomalydiff demo: weakly-supervised anomaly segmentation on the built-in brain phantom</h1>",
+        "<p class='meta'>"
+        f"Command <code>{_e(demo.get('command'))}</code> · started {_e(demo.get('started'))} · finished "
+        f"{_e(demo.get('finished', '(not finished)'))} · total {_seconds(demo.get('total_seconds'))} s · device "
+        f"{_e(machine.get('device'))} ({_e(machine.get('cpu_count'))} cores, {_e(machine.get('torch_threads'))} torch "
+        f"threads, load average {_seconds(machine.get('load_average_1min'))}, torch {_e(machine.get('torch'))})</p>",
+        "<h2>What the demo did</h2><ol>",
+        f"<li>Wrote <b>{_e(data.get('subjects'))}</b> synthetic subjects in the BraTS 2021 layout (four contrasts on "
+        f"real MNI152 anatomy, {_e(data.get('voxel_size_mm'))} mm, seed {_e(data.get('seed'))}: none of them was seen "
+        f"in training; lesion-free: {_e(', '.join(data.get('lesion_free_subjects', [])) or 'none')}) to "
+        f"<code>{_e(data.get('phantom_root'))}</code>.</li>",
+        f"<li>Prepared them into a slice store with the models' own preprocessing "
+        f"(<code>{_e(data.get('preprocess'))}</code>: {_e(data.get('resolution'))} px, channels "
+        f"{_e(', '.join(data.get('channels', [])))}), split by subject into validation and test.</li>",
+        f"<li>Fitted each method on <b>{_e(first.get('val_slices'))}</b> label-balanced validation slices "
+        f"({_e(first.get('val_unhealthy'))} unhealthy) with image-level labels only, scored <b>{_e(first.get('slices'))}"
+        f"</b> label-balanced test slices ({_e(first.get('unhealthy'))} unhealthy) and evaluated them against the "
+        "phantom's lesion masks.</li>",
+        "<li>Predicted on held-out test subjects straight from their NIfTI files, writing anomaly maps and masks in "
+        "each scan's own space.</li></ol>",
+        "<h2>Data</h2>",
+        _table(["split", "subjects", "slices", "unhealthy slices"],
+               [[_e(split), _e(", ".join(v["subjects"])), _e(v["slices"]), _e(v["unhealthy"])]
+                for split, v in splits.items()], left=2),
+        f"<p class='meta'>Store <code>{_e(data.get('store'))}</code>.</p>",
+        "<h2>Models</h2>",
+    ]
+    model_rows = []
+    notes = []
+    for name, model in demo.get("models", {}).items():
+        card = model.get("card") or {}
+        trained = f"{card['steps']}" + (f" of {card['target_steps']}" if card.get("target_steps") else "") if card.get(
+            "steps") is not None else _e(model.get("step"))
+        model_rows.append([_e(name), _e(model.get("model_class")), f"<code>{_e(model.get('sha256'))}</code>",
+                           _e(model.get("step")), _e(trained), _e(card.get("num_parameters", "–")),
+                           _e(card.get("wall_time_hours", "–")), _e(model.get("weights"))])
+        if card.get("data"):
+            notes.append(f"<li><b>{_e(name)}</b>: {_e(card['data'])}</li>")
+    parts.append(_table(["part", "class", "sha256 (EMA weights)", "EMA step", "training steps (of planned)",
+                         "parameters", "training hours", "weights"], model_rows, left=3))
+    if notes:
+        parts.append("<p class='meta'>Training data (from each part's card.json):</p><ul class='meta'>"
+                     + "".join(notes) + "</ul>")
+
+    # segmentation table: one row per method and threshold
+    parts.append("<h2>Segmentation on the test sample (%)</h2>")
+    parts.append(
+        "<p class='meta'><span class='tick'>✓</span> no pixel label was used for the row (fitting saw image-level "
+        "labels only), <span class='cross'>✗</span> a threshold was chosen with pixel labels (shown for reference). "
+        "Mixed: all test slices, masks gated by the method's healthy/unhealthy decision where it has one; Unhealthy: "
+        "ground-truth unhealthy slices, un-gated masks. Dice and IoU: mean over slices (empty vs empty = 1) after a "
+        "5×5 median filter and removal of components ≤ 40 px; AUPRC and AUROC: pixel-level, pooled over brain pixels "
+        "of the continuous map. Grey rows: the same maps with another threshold.</p>")
+    rows, classes = [], []
+    for method in methods:
+        for name, evaluation in method["evaluations"].items():
+            primary = name == method["primary"]
+            threshold = "own (native)" if name == "native" else name
+            cells = [_e(method["label"]), _e(threshold + (" (primary)" if primary and name != "native" else "")),
+                     _mark(evaluation["uses_pixel_labels"])]
+            for setup in ("mixed", "unhealthy"):
+                values = evaluation.get(setup, {})
+                cells += [_pct(values.get(m)) for m in ("dice", "iou", "auprc", "pixel_auroc")]
+            rows.append(cells)
+            classes.append("" if primary else "alt")
+    parts.append(_table(["Method", "Threshold", "Pixel labels", "Mixed DICE", "Mixed IoU", "Mixed AUPRC",
+                         "Mixed AUROC", "Unh. DICE", "Unh. IoU", "Unh. AUPRC", "Unh. AUROC"], rows, left=3,
+                        row_classes=classes))
+
+    # settings
+    parts.append("<h2>Settings</h2><ul>")
+    for method in methods:
+        calibration = method.get("calibration") or {}
+        fitted = []
+        if calibration.get("guidance_w") is not None:
+            fitted.append(f"guidance strength w = {float(calibration['guidance_w']):g} (chosen on validation)")
+        if calibration.get("tau_cos") is not None:
+            fitted.append(f"τ<sub>cos</sub> = {float(calibration['tau_cos']):.4g}")
+        for policy_name, policy in (method.get("policies") or {}).items():
+            if policy.get("threshold") is not None:
+                fitted.append(f"{_e(policy_name)} threshold {float(policy['threshold']):.4g}")
+        parts.append(f"<li><b>{_e(method['label'])}</b>: preset <code>{_e(method['preset'])}</code> with "
+                     f"<code>{_e(' '.join(method['overrides']) or '(no overrides)')}</code>; parts "
+                     f"{_e(', '.join(method['parts']))}. Fitted: {'; '.join(fitted) or 'nothing (per-image rule)'}. "
+                     f"Files: <code>{_e(method['run_dir'])}</code> (metrics.json, calibration.json, maps.npz).</li>")
+    parts.append("</ul>")
+
+    # cost
+    predict_speed: dict[str, list[float]] = {}
+    for prediction in predictions:
+        predict_speed.setdefault(prediction["method"], []).append(float(prediction["seconds_per_slice"]))
+    parts.append("<h2>Cost</h2><p class='meta'>NFE: diffusion-network evaluations per slice; classifier evaluations "
+                 "include the guidance gradients; seconds: wall time of <code>score</code> per slice on this machine "
+                 "(predict: whole pipeline per slice, loading and writing included).</p>")
+    parts.append(_table(
+        ["Method", "NFE / slice", "classifier evals / slice", "s / slice", "CPU s / slice", "fit s", "peak MiB",
+         "predict s / slice"],
+        [[_e(m["label"]), f"{m['cost']['nfe_per_slice']:.0f}", f"{m['cost']['classifier_evaluations_per_slice']:.0f}",
+          f"{m['cost']['seconds_per_slice']:.3f}", f"{m['cost']['cpu_seconds_per_slice']:.3f}",
+          f"{m['cost']['fit_seconds']:.1f}", f"{m['cost']['peak_memory_mb']:.0f}",
+          (f"{np.mean(predict_speed[m['key']]):.3f}" if m["key"] in predict_speed else "–")] for m in methods]))
+
+    # examples
+    parts.append("<h2>Examples from the test sample</h2>")
+    for method in methods:
+        parts.append(_examples(Path(method["run_dir"]), figure_dir, _slug(method["key"]), method["label"]))
+
+    # predictions
+    if predictions:
+        parts.append("<h2>Predictions on held-out scans (the scan's own space)</h2>")
+        parts.append("<p class='meta'>What <code>anomalydiff predict</code> writes for a new scan: the anomaly map and "
+                     "mask as NIfTI files with the input's shape and affine, a per-slice CSV and an overlay panel. "
+                     "Subject decision: AnoFPDM flags a subject when at least 10 % of its slices are flagged by its "
+                     "healthy/unhealthy gate; a method without a gate when its mask has any voxel. The 3-D Dice "
+                     "against the phantom's segmentation is shown only; nothing was fitted on it.</p>")
+        parts.append(_table(
+            ["Method", "Subject", "true lesion", "decision", "flagged slices", "predicted volume (mm³)",
+             "true volume (mm³)", "3-D Dice", "s / slice"],
+            [[_e(p["label"]), _e(p["subject_id"]), "yes" if p["has_lesion"] else "no", _e(p["decision"]),
+              f"{_e(p.get('flagged_slices'))} / {_e(p.get('num_slices'))}",
+              _e("–" if p.get("lesion_volume_mm3") is None else f"{p['lesion_volume_mm3']:.0f}"),
+              _e("–" if p.get("true_lesion_volume_mm3") is None else f"{p['true_lesion_volume_mm3']:.0f}"),
+              _pct(p.get("dice_3d")), f"{p['seconds_per_slice']:.3f}"] for p in predictions], left=2))
+        for prediction in predictions:
+            overlay = Path(prediction["files"]["overlay"])
+            if overlay.is_file():
+                copy = figure_dir / f"predict_{_slug(prediction['method'])}_{_slug(prediction['subject_id'])}.png"
+                shutil.copyfile(overlay, copy)
+                parts.append(_img(copy, f"{prediction['label']} on {prediction['subject_id']}: top, the input (FLAIR); "
+                                        "bottom, the anomaly map and the predicted mask outline"))
+            files = prediction["files"]
+            parts.append("<ul class='meta'>" + "".join(
+                f"<li>{_e(desc)}: <code>{_e(files[desc])}</code></li>"
+                for desc in ("anomalymap", "anomalymask", "slices", "summary") if desc in files) + "</ul>")
+
+    # stages
+    parts.append("<h2>Time per stage</h2>")
+    stage_rows = [[_e(s["title"]), _seconds(s["seconds"]), _seconds(s.get("cpu_seconds"))] for s in demo.get("stages", [])]
+    parts.append(_table(["stage", "wall s", "CPU s (all threads)"], stage_rows))
+    parts.append(f"<p class='meta'>Machine-readable record: <code>{_e(run_dir / 'demo.json')}</code>. Settings: "
+                 f"<code>{_e(json.dumps({k: settings.get(k) for k in ('subjects', 'seed', 'val_slices', 'test_slices', 'batch_size', 'predict_subjects')}))}</code>.</p>")
+    return "\n".join(parts)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` (figures embedded, PNGs also in ``RUN_DIR/figures/``).
 
     Args:
-        run_dir: a benchmark folder (``results.json``) or a ``detect`` output folder (``metrics.json``).
+        run_dir: a demo folder (``demo.json``), a benchmark folder (``results.json``) or a ``detect`` output
+            folder (``metrics.json``).
 
     Returns:
         The HTML path.
@@ -244,7 +403,10 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     figure_dir = run_dir / "figures"
     figure_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "results.json").exists():
+    if (run_dir / "demo.json").exists():
+        demo = json.loads((run_dir / "demo.json").read_text())
+        body, title = _demo_page(run_dir, demo, figure_dir), "anomalydiff demo"
+    elif (run_dir / "results.json").exists():
         results = json.loads((run_dir / "results.json").read_text())
         body, title = _benchmark_page(run_dir, results, figure_dir), results["benchmark"]
     elif (run_dir / "metrics.json").exists():
@@ -252,8 +414,8 @@ def write_report(run_dir: str | Path) -> Path:
         body, title = _run_page(run_dir, metrics, figure_dir), metrics["name"]
     else:
         raise FileNotFoundError(
-            f"{run_dir} has neither results.json (from `anomalydiff benchmark`) nor metrics.json (from "
-            "`anomalydiff detect`); pass the folder one of them wrote"
+            f"{run_dir} has no demo.json (from `anomalydiff demo`), results.json (from `anomalydiff benchmark`) nor "
+            "metrics.json (from `anomalydiff detect`); pass the folder one of them wrote"
         )
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)} · anomalydiff</title>"
             f"<style>{_CSS}</style></head><body>{body}<p class='meta'>Written by anomalydiff report on "
