@@ -318,7 +318,8 @@ def _demo_page(run_dir: Path, demo: dict[str, Any], figure_dir: Path) -> str:
         calibration = method.get("calibration") or {}
         fitted = []
         if calibration.get("guidance_w") is not None:
-            fitted.append(f"guidance strength w = {float(calibration['guidance_w']):g} (chosen on validation)")
+            how = "fixed in the preset" if calibration.get("select_w") is False else "chosen on validation"
+            fitted.append(f"guidance strength w = {float(calibration['guidance_w']):g} ({how})")
         if calibration.get("tau_cos") is not None:
             fitted.append(f"τ<sub>cos</sub> = {float(calibration['tau_cos']):.4g}")
         for policy_name, policy in (method.get("policies") or {}).items():
