@@ -367,7 +367,7 @@ def find_chexpert_csvs(root: Path, names: Sequence[str]) -> list[Path]:
     raise DataInputError(root, f"no CheXpert CSV ({', '.join(names)}) found here or one level down; point --root at CheXpert-v1.0-small")
 
 
-def _resolve_chexpert_path(csv_dir: Path, relative: str) -> Path:
+def resolve_chexpert_path(csv_dir: Path, relative: str) -> Path:
     """CSV ``Path`` values include the release folder (``CheXpert-v1.0-small/train/...``): resolve against the CSV's folder."""
     parts = Path(relative).parts
     if parts and parts[0] == csv_dir.name:
@@ -439,7 +439,7 @@ def discover_chexpert(
                 else:
                     notes["rows_neither"] += 1
                     continue
-                path = _resolve_chexpert_path(csv_path.parent, row["Path"])
+                path = resolve_chexpert_path(csv_path.parent, row["Path"])
                 match = CHEXPERT_PATIENT.search(row["Path"])
                 patient = match.group(1) if match else Path(row["Path"]).parts[-3]
                 by_patient[patient].append(ImageItem(path=path, label=label, origin=where))

@@ -128,7 +128,7 @@ class PrepareConfig:
         return tuple(names)
 
 
-def _load_brain_mask(spec: str) -> Volume:
+def load_brain_mask(spec: str) -> Volume:
     """The global brain mask of ``PrepareConfig.brain_mask``: a NIfTI path or ``mni152``."""
     if spec.lower() == MNI152_BRAIN_MASK:
         from nilearn.datasets import load_mni152_brain_mask
@@ -313,7 +313,7 @@ def prepare_dataset(
         folder_subject_regex=config.folder_subject_regex,
     )
     subjects = found.subjects[: config.max_subjects] if config.max_subjects is not None else found.subjects
-    global_brain = _load_brain_mask(config.brain_mask) if config.brain_mask else None
+    global_brain = load_brain_mask(config.brain_mask) if config.brain_mask else None
     info = {
         "format": config.format,
         "root": str(root.resolve()),

@@ -13,7 +13,7 @@
    label-balanced test sample, post-process and evaluate both setups (mixed / unhealthy-only) with
    :func:`anomalydiff.evaluation.runner.run_method`, written to ``OUT/<method>/`` (``metrics.json``,
    ``calibration.json``, ``maps.npz``). Defaults: AnoFPDM (DDIM) in the quick setting of
-   ``benchmarks/phantom_quick.yaml`` (every 40th of 600 forward steps, w grid 1, 2, 3, 5), and Wolleb et al. (the
+   ``benchmarks/phantom_quick.yaml`` (every 40th of 600 forward steps) at the paper's BraTS w = 2, and Wolleb et al. (the
    P2 re-run, L = 200 on a stride-25 grid) with a label-free threshold: the healthy-quantile policy (fitted on the
    healthy validation slices' maps, image labels only) as its primary mask; Otsu per image (label-free) and the
    oracle best-Dice threshold (pixel labels, shown for reference only) are evaluated on the same maps.

@@ -400,7 +400,7 @@ def _image_subjects(root: Path) -> list[PredictSubject]:
 def _chexpert_subjects(csv_files: Sequence[Path], view: str) -> list[PredictSubject]:
     """CheXpert rows (``Path`` column) of the training store's view; subject = patient_study_view."""
     from anomalydiff.data.layouts import (
-        _resolve_chexpert_path,  # the same path rule as prepare
+        resolve_chexpert_path,  # the same path rule as prepare
     )
 
     subjects = []
@@ -412,7 +412,7 @@ def _chexpert_subjects(csv_files: Sequence[Path], view: str) -> list[PredictSubj
             for row in reader:
                 if view != "all" and "Frontal/Lateral" in row and row["Frontal/Lateral"].strip().lower() != view:
                     continue
-                path = _resolve_chexpert_path(csv_path.parent, row["Path"])
+                path = resolve_chexpert_path(csv_path.parent, row["Path"])
                 parts = Path(row["Path"]).with_suffix("").parts
                 sid = safe_subject_id("_".join(p for p in parts if p.startswith(("patient", "study", "view"))) or "_".join(parts))
                 subjects.append(PredictSubject(sid, "image", str(path), image=path))
@@ -529,10 +529,10 @@ def _global_brain_mask(record: PreprocessRecord) -> Any:
     if not record.prepare.brain_mask:
         return None
     from anomalydiff.data.prepare import (
-        _load_brain_mask,  # the same mask prepare used (path or "mni152")
+        load_brain_mask,  # the same mask prepare used (path or "mni152")
     )
 
-    return _load_brain_mask(record.prepare.brain_mask)
+    return load_brain_mask(record.prepare.brain_mask)
 
 
 def load_subject(subject: PredictSubject, record: PreprocessRecord, brain: Any = None) -> LoadedSubject:
