@@ -63,7 +63,8 @@ def plot(models: Path, out: Path) -> Path:
         axes[i, 0].set_xlabel("step")
         axes[i, 1].set_xlabel("step")
         axes[i, 2].set_xlabel("wall time (h, 2 shared CPU cores)")
-    fig.suptitle(f"learning curves of {models} (diagnostics on 64 validation slices; dotted line: 0.9 target)")
+    shown = models.resolve().relative_to(ROOT) if models.resolve().is_relative_to(ROOT) else models
+    fig.suptitle(f"learning curves of {shown} (diagnostics on 64 validation slices; dotted line: 0.9 target)")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
