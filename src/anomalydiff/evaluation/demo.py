@@ -18,7 +18,8 @@
    healthy validation slices' maps, image labels only) as its primary mask; Otsu per image (label-free) and the
    oracle best-Dice threshold (pixel labels, shown for reference only) are evaluated on the same maps.
 5. **Predict**: the held-out test subject(s) from the raw phantom NIfTI files with
-   :meth:`anomalydiff.predict.Predictor.from_model_dir` and each method's calibration, into
+   :class:`anomalydiff.predict.Predictor` built on the networks already loaded (so prediction and evaluation use
+   the same weights) and each method's fresh calibration, into
    ``OUT/predict/<method>/``: BIDS-style NIfTI maps and masks in the scan's own space, a per-slice CSV and an
    overlay PNG (:mod:`anomalydiff.predict.writer`). The 3-D Dice against the phantom's segmentation is shown,
    never used.
