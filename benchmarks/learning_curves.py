@@ -86,56 +86,54 @@ def _bootstrap(labels: np.ndarray, score: np.ndarray, rounds: int = 500, seed: i
 
 
 def measure(models: Path, store_path: Path, slices: int, draws: int, split: str) -> dict:
-    """Class-signal scores of the final weights: per part and t, AUROC [95% CI] and accuracy."""
-    import torch
+    """Class-signal scores of the final weights: per part and t, AUROC [95% CI] and accuracy.
 
+    The per-slice scores are the training diagnostics' own (``anomalydiff.training.diagnostics``: the same noise
+    draws, errors and probabilities), on a larger sample and with a bootstrap interval.
+    """
     from anomalydiff.data.store import SliceStore
-    from anomalydiff.diffusion.steps import q_sample
     from anomalydiff.evaluation.models import load_parts
-    from anomalydiff.labels import HEALTHY, UNHEALTHY
-    from anomalydiff.training.diagnostics import select_validation_subset
+    from anomalydiff.labels import HEALTHY, NULL_LABEL, UNHEALTHY
+    from anomalydiff.training.diagnostics import (
+        classifier_probabilities,
+        denoising_errors,
+        select_validation_subset,
+    )
 
     parts = load_parts(models)
-    store = SliceStore(store_path)
-    x0, labels = select_validation_subset(store, split, slices, seed=0)
+    x0, labels = select_validation_subset(SliceStore(store_path), split, slices, seed=0)
     y = labels.numpy()
     schedule = parts.schedule
-    generator = torch.Generator().manual_seed(1234)
-    result: dict = {"slices": int(len(y)), "unhealthy": int(y.sum()), "draws": draws, "split": split, "parts": {}}
-    scores: dict[str, dict[int, np.ndarray]] = {}
-    with torch.no_grad():
-        for t in TIMESTEPS:
-            sums = {"cfg": np.zeros(len(y)), "classifier": np.zeros(len(y)), "healthy_gaussian": np.zeros(len(y))}
-            for _ in range(draws):
-                noise = torch.randn(x0.shape, generator=generator)
-                for start in range(0, len(y), 32):
-                    xb, nb = x0[start:start + 32], noise[start:start + 32]
-                    tb = torch.full((len(xb),), t, dtype=torch.long)
-                    xt = q_sample(schedule, xb, tb, nb)
-                    sl = slice(start, start + len(xb))
-                    if parts.eps_model is not None:
-                        err = [((parts.eps_model(xt, tb, torch.full_like(tb, lab)) - nb) ** 2).mean((1, 2, 3)) for lab in (HEALTHY, UNHEALTHY)]
-                        sums["cfg"][sl] += (err[0] - err[1]).numpy()  # > 0: the unhealthy label explains x_t better
-                    if parts.classifier is not None:
-                        sums["classifier"][sl] += torch.softmax(parts.classifier(xt, tb), 1)[:, UNHEALTHY].numpy()
-                    if parts.healthy_model is not None:
-                        sums["healthy_gaussian"][sl] += ((parts.healthy_model(xt, tb) - nb) ** 2).mean((1, 2, 3)).numpy()
-            for name, total in sums.items():
-                scores.setdefault(name, {})[t] = total / draws
-    names = {"cfg": "implicit classifier: err(healthy) - err(unhealthy)", "classifier": "p(unhealthy | x_t, t)",
-             "healthy_gaussian": "denoising error of the healthy-only model"}
-    thresholds = {"cfg": 0.0, "classifier": 0.5}
-    for name, per_t in scores.items():
-        if {"cfg": parts.eps_model, "classifier": parts.classifier, "healthy_gaussian": parts.healthy_model}[name] is None:
+
+    def implicit(t: int) -> tuple[np.ndarray, np.ndarray]:
+        err = denoising_errors(parts.eps_model, schedule, x0, t, (HEALTHY, UNHEALTHY), draws)
+        return (err[:, 0] - err[:, 1]).numpy(), (err[:, 1] < err[:, 0]).long().numpy()  # > 0: unhealthy fits better
+
+    def noisy(t: int) -> tuple[np.ndarray, np.ndarray]:
+        prob = classifier_probabilities(parts.classifier, schedule, x0, t, draws)
+        return prob[:, UNHEALTHY].numpy(), prob.argmax(dim=1).numpy()
+
+    def healthy(t: int) -> tuple[np.ndarray, None]:
+        return denoising_errors(parts.healthy_model, schedule, x0, t, (NULL_LABEL,), draws)[:, 0].numpy(), None
+
+    scorers = {  # part -> (network, what the score is, t -> (score [N], predicted label [N] or None))
+        "cfg": (parts.eps_model, "implicit classifier: err(healthy) - err(unhealthy)", implicit),
+        "classifier": (parts.classifier, "p(unhealthy | x_t, t)", noisy),
+        "healthy_gaussian": (parts.healthy_model, "denoising error of the healthy-only model", healthy),
+    }
+    result: dict = {"slices": len(y), "unhealthy": int(y.sum()), "draws": draws, "split": split, "parts": {}}
+    for name, (network, description, scorer) in scorers.items():
+        if network is None:
             continue
         rows = {}
-        for t, score in per_t.items():
+        for t in TIMESTEPS:
+            score, pred = scorer(t)
             auroc, low, high = _bootstrap(y, score)
             row = {"auroc": round(auroc, 4), "auroc_95ci": [round(low, 4), round(high, 4)]}
-            if name in thresholds:
-                row["accuracy"] = round(float(((score > thresholds[name]).astype(int) == y).mean()), 4)
+            if pred is not None:
+                row["accuracy"] = round(float((pred == y).mean()), 4)
             rows[str(t)] = row
-        result["parts"][name] = {"score": names[name], "sha256": parts.sha256[name], "step": parts.parts[name].step, "per_t": rows}
+        result["parts"][name] = {"score": description, "sha256": parts.sha256[name], "step": parts.parts[name].step, "per_t": rows}
     return result
 
 
@@ -153,9 +151,9 @@ def main() -> None:
     if args.store:
         started = time.perf_counter()
         result = measure(Path(args.models), Path(args.store), args.slices, args.draws, args.split)
-        from anomalydiff.training.export import machine_description
+        from anomalydiff.machine import describe_machine
 
-        result.update({"store": args.store, "seconds": round(time.perf_counter() - started, 1), "machine": machine_description(),
+        result.update({"store": args.store, "seconds": round(time.perf_counter() - started, 1), "machine": describe_machine(),
                        "command": f"python benchmarks/learning_curves.py --store STORE --slices {args.slices} --draws {args.draws}"})
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(json.dumps(result["parts"], indent=1))

@@ -235,15 +235,41 @@ def noisy_classifier_metrics(
         rows ``{"t", "metric", "value"}`` with metrics ``classifier_acc``, ``classifier_auroc``.
     """
     rows: list[Row] = []
-    n = x0.shape[0]
     for t in timesteps:
-        t_batch = torch.full((n,), t, dtype=torch.long)
-        prob = torch.zeros(n, 2)
-        for draw in range(noise_draws):
-            x_t = q_sample(schedule, x0, t_batch, _noise("gaussian", x0, t, seed, draw, SimplexConfig()))
-            prob += _batched(classifier, batch_size, x_t, t_batch).softmax(dim=1) / noise_draws
+        prob = classifier_probabilities(classifier, schedule, x0, t, noise_draws, seed, batch_size)
         rows += _accuracy_auroc_rows(t, "classifier", prob.argmax(dim=1), prob[:, 1], labels)
     return rows
+
+
+@torch.no_grad()
+def classifier_probabilities(
+    classifier: Classifier,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    t: int,
+    noise_draws: int = 2,
+    seed: int = 1234,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Per-slice softmax ``p(y | x_t, t)`` of a noisy classifier, averaged over noise draws.
+
+    Args:
+        classifier: ``classifier(x_t, t) -> logits [N, 2]``.
+        schedule: the noise schedule.
+        x0: ``[N, C, H, W]`` clean slices (CPU).
+        t: training timestep.
+        noise_draws, seed, batch_size: see :func:`denoising_errors` (the same Gaussian draws).
+
+    Returns:
+        ``[N, 2]`` float32 probabilities.
+    """
+    n = x0.shape[0]
+    t_batch = torch.full((n,), t, dtype=torch.long)
+    prob = torch.zeros(n, 2)
+    for draw in range(noise_draws):
+        x_t = q_sample(schedule, x0, t_batch, _noise("gaussian", x0, t, seed, draw, SimplexConfig()))
+        prob += _batched(classifier, batch_size, x_t, t_batch).softmax(dim=1) / noise_draws
+    return prob
 
 
 def append_diagnostics(run_dir: Path, step: int, wall_time: float, rows: list[Row]) -> None:
