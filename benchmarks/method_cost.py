@@ -87,10 +87,10 @@ def main() -> None:
         })
         print(f"{preset:16s} NFE/slice {cost['nfe_per_slice']:5d}  s/slice {cost['seconds_per_slice']:7.2f}", flush=True)
 
-    from anomalydiff.training.export import machine_description
+    from anomalydiff.machine import describe_machine
 
     result = {"benchmark": "method_cost", "setting": args.setting, "threads": args.threads, "resolution": 64,
-              "machine": machine_description(), "date": time.strftime("%Y-%m-%d"), "models": args.models,
+              "machine": describe_machine(), "date": time.strftime("%Y-%m-%d"), "models": args.models,
               "store": args.store, "methods": rows}
     path = Path(args.out)
     previous = json.loads(path.read_text()) if path.exists() else {}

@@ -31,8 +31,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
-import platform
 import re
 import sys
 import time
@@ -47,6 +45,7 @@ import yaml
 from anomalydiff.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from anomalydiff.data.store import SliceStore
 from anomalydiff.labels import UNHEALTHY
+from anomalydiff.machine import machine_facts
 from anomalydiff.methods import CONFIG_DIR, method_config, method_of_preset
 from anomalydiff.metrics import MetricReport, aggregate_runs, dice_from_counts, evaluate_setups, overlap_counts
 from anomalydiff.models.io import CheckpointError
@@ -257,22 +256,6 @@ def _row_overrides(config: BenchmarkConfig, preset: str, extra: Sequence[str]) -
 
 def _has_seed(preset: str, overrides: Sequence[str]) -> bool:
     return any(f.name == "seed" for f in dataclasses.fields(method_config(preset, overrides)))
-
-
-def _machine() -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "load_average_1min": load[0],
-    }
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -1037,7 +1020,7 @@ def run_benchmark(
         "config": to_dict(config),
         "started": started_at,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": _machine(),
+        "machine": machine_facts(),
         "device": str(torch_device),
         "seeds": list(config.seeds),
         "trained_here": train,

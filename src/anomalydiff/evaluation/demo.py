@@ -36,8 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -61,6 +59,7 @@ from anomalydiff.evaluation.models import (
 )
 from anomalydiff.evaluation.runner import EvaluationConfig, MethodResult, run_method
 from anomalydiff.labels import UNHEALTHY
+from anomalydiff.machine import machine_facts
 from anomalydiff.methods import CONFIG_DIR
 from anomalydiff.models.io import CheckpointError
 
@@ -249,20 +248,6 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load_average_1min": load[0],
-    }
-
-
 def _model_facts(parts: Parts, used: Sequence[str]) -> dict[str, Any]:
     """part -> weights, sha256, EMA step and the training facts of its card.json (if present)."""
     facts = {}
@@ -389,7 +374,7 @@ def run_demo(
         "method_keys": [m.key for m in config.methods],
         "settings": {**to_dict(config), "models": str(model_dir), "device": str(torch_device),
                      "phantom_config": to_dict(phantom_config)},
-        "machine": _machine(torch_device),
+        "machine": machine_facts(torch_device),
     }
     _write_json(out / DEMO_FILE, demo)  # marks OUT as a demo folder from the start (a rerun may replace it)
     stages = _Stages(4 + len(config.methods) + int(do_predict))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,26 +25,13 @@ from typing import Any
 import torch
 
 from anomalydiff.config import read_yaml
+from anomalydiff.machine import describe_machine
 from anomalydiff.models.io import CheckpointError, load_model, read_model_info, save_model
 
-__all__ = ["export_run", "fp16_relative_error", "machine_description"]
+__all__ = ["export_run", "fp16_relative_error"]
 
 #: part -> the ``anomalydiff train`` sub-command that makes it
 _KIND_OF_PART = {"cfg": "diffusion", "classifier": "classifier", "healthy_gaussian": "diffusion", "healthy_simplex": "diffusion"}
-
-
-def machine_description() -> str:
-    """CPU model, logical cores and torch version of this machine (where the run was trained and exported)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} logical cores{gpu}, torch {torch.__version__}, {platform.system()}"
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -67,8 +52,8 @@ def fp16_relative_error(reference: torch.nn.Module, exported: torch.nn.Module, s
     Returns:
         ``||f_exported - f_reference|| / ||f_reference||`` over a batch of 4 noisy inputs at t = 100, 300, 500, 900.
     """
-    config = getattr(reference, "config")
-    channels = int(getattr(config, "in_channels"))
+    config = reference.config
+    channels = int(config.in_channels)
     size = int(getattr(config, "image_size", None) or 64)  # the classifier's head fixes its input side
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(4, channels, size, size, generator=generator)
@@ -175,7 +160,7 @@ def export_run(
         "batch_size": config.get("batch_size"),
         "world_size": trainer.get("world_size", 1),
         "wall_time_hours": round(float(trainer.get("wall_time", 0.0)) / 3600.0, 3),
-        "machine": machine_description(),
+        "machine": describe_machine(),
         "final_loss": _final_loss(losses),
         "diagnostics_step": diag_step,
         "diagnostics": diagnostics,
